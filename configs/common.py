@@ -1,0 +1,109 @@
+"""Config sections shared by every model: data, mesh, optimizer, training loop and checkpoints.
+
+Model configs import these and override fields per variant. Every config is locked after it is
+built, so a mistyped `--config.x=y` override fails instead of being ignored.
+"""
+
+import ml_collections
+
+ATARI_GAMES = ("Pong", "Breakout", "SpaceInvaders", "MsPacman", "Seaquest", "Enduro", "Freeway",
+               "Boxing")
+
+
+def data_config() -> ml_collections.ConfigDict:
+  """Data pipeline fields; see tokdiff/data/pipeline.py for what each source reads."""
+  data = ml_collections.ConfigDict()
+  data.source = "atari"  # atari | sample_videos | video_folder | tfds
+  data.eval_sources = ("atari", "sample_videos")
+  data.num_frames = 17  # must be 1 + 4k for the default tokenizer
+  data.frame_stride = 1
+  data.height = 128
+  data.width = 128
+  data.random_crop = True
+  data.random_flip = False
+  data.pad_short_clips = False
+  data.on_bad_video = "skip"  # skip | raise
+  data.shuffle_seed = 0
+  data.worker_count = 0
+  data.cache_dir = ""
+
+  data.atari = ml_collections.ConfigDict()
+  data.atari.games = ATARI_GAMES
+  data.atari.num_train_clips = 2048
+  data.atari.num_eval_clips = 64
+  data.atari.train_seed = 0
+  data.atari.eval_seed = 1_000_000
+  data.atari.max_warmup_steps = 400
+  data.atari.frame_skip = 2
+
+  data.video_folder = ml_collections.ConfigDict()
+  data.video_folder.path = ""
+  data.video_folder.eval_path = ""
+
+  data.tfds = ml_collections.ConfigDict()
+  data.tfds.name = ""
+  data.tfds.data_dir = ""
+  data.tfds.train_split = "train"
+  data.tfds.eval_split = "test"
+  data.tfds.video_key = "video"
+  data.tfds.label_key = "label"
+  return data
+
+
+def mesh_config() -> ml_collections.ConfigDict:
+  """Mesh sizes (-1 fills the remaining devices) and logical-to-mesh axis rules."""
+  mesh = ml_collections.ConfigDict()
+  mesh.data = -1
+  mesh.fsdp = 1
+  mesh.tensor = 1
+  # (logical axis name, mesh axis or axes). Names not listed stay replicated.
+  mesh.axis_rules = (
+      ("batch", ("data", "fsdp")),
+      ("embed", "fsdp"),
+      ("mlp", "tensor"),
+      ("heads", "tensor"),
+      ("vocab", "tensor"),
+      ("conv_in", "fsdp"),
+      ("conv_out", "tensor"),
+  )
+  return mesh
+
+
+def optimizer_config() -> ml_collections.ConfigDict:
+  """AdamW with linear warm-up, cosine decay, global-norm clipping and a parameter EMA."""
+  opt = ml_collections.ConfigDict()
+  opt.learning_rate = 1e-4
+  opt.warmup_steps = 1000
+  opt.end_learning_rate_factor = 0.1
+  opt.b1 = 0.9
+  opt.b2 = 0.99
+  opt.weight_decay = 1e-4
+  opt.grad_clip_norm = 1.0
+  opt.ema_decay = 0.999
+  return opt
+
+
+def train_config() -> ml_collections.ConfigDict:
+  """Loop lengths and intervals, all in steps."""
+  train = ml_collections.ConfigDict()
+  train.num_steps = 100_000
+  train.batch_size = 64  # global, over all processes
+  train.log_every = 50
+  train.eval_every = 5000
+  train.checkpoint_every = 1000
+  train.keep_checkpoints = 3
+  train.async_checkpoints = True
+  train.progress_bar = True
+  # Stop with a checkpoint after this many steps in one process (0 = no limit), for jobs that
+  # run under a wall-clock limit and resume in the next allocation.
+  train.max_steps_per_run = 0
+  return train
+
+
+def eval_config() -> ml_collections.ConfigDict:
+  ev = ml_collections.ConfigDict()
+  ev.batch_size = 16
+  ev.max_batches = 4
+  ev.num_visualized = 8  # clips per reconstruction grid
+  ev.gif_fps = 8
+  return ev

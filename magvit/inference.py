@@ -1,0 +1,59 @@
+"""Load a trained tokenizer from a workdir and reconstruct videos with it."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from magvit import model as model_lib
+from magvit import task as task_lib
+from tokdiff import checkpoint as checkpoint_lib
+from tokdiff import metrics as metrics_lib
+from tokdiff import optim
+from tokdiff import sharding as sharding_lib
+from tokdiff import train_state
+from tokdiff.data import transforms
+
+to_uint8 = task_lib.to_uint8
+
+
+def load_tokenizer(workdir: str, step: int | None = None
+                   ) -> tuple[model_lib.Tokenizer, ml_collections.ConfigDict]:
+  """Return the tokenizer with the EMA parameters of `step` (default: latest) and its config."""
+  checkpoints = checkpoint_lib.Checkpointer(workdir, keep=1, use_async=False)
+  step = checkpoints.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"no checkpoint in {checkpoints.directory}; train a tokenizer "
+                            "there first with `python -m launch.train`.")
+  config = ml_collections.ConfigDict(checkpoints.saved_config(step))
+  if config.model_family != "magvit":
+    raise ValueError(f"{workdir} holds a {config.model_family!r} checkpoint, not a tokenizer.")
+
+  mesh = sharding_lib.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+  task = task_lib.make_task(config)
+  tx = optim.make_optimizer(config.optimizer, config.train.num_steps)
+  factory = train_state.StateFactory(task.build_model, tx, mesh,
+                                     sharding_lib.rules_dict(config.mesh.axis_rules))
+  state, _ = checkpoints.restore(step, factory.abstract_with_shardings())
+  checkpoints.close()
+  return factory.merge(state.ema_params, state.model_state), config
+
+
+def prepare_video(frames: np.ndarray, *, height: int, width: int,
+                  temporal_factor: int) -> np.ndarray:
+  """Resize and centre-crop uint8 frames to height x width in [-1, 1], keeping 1+f*k of them."""
+  num_frames = 1 + ((frames.shape[0] - 1) // temporal_factor) * temporal_factor
+  clip = transforms.to_rgb(frames[:num_frames], "input video")
+  clip = transforms.crop(transforms.resize_to_cover(clip, height, width), height, width, None)
+  return transforms.to_model_range(clip)
+
+
+def reconstruct(tokenizer: model_lib.Tokenizer, video: np.ndarray
+                ) -> tuple[np.ndarray, dict[str, float]]:
+  """Encode, quantize and decode one video (T, H, W, 3); return it with PSNR and SSIM."""
+  batch = jnp.asarray(video)[None]
+  recon, _ = tokenizer(batch)
+  recon = jnp.clip(recon, -1.0, 1.0)
+  scores = {"psnr": float(metrics_lib.psnr(recon, batch)[0]),
+            "ssim": float(metrics_lib.ssim(recon, batch)[0])}
+  return np.asarray(recon[0]), scores
