@@ -13,7 +13,7 @@ ATARI_GAMES = ("Pong", "Breakout", "SpaceInvaders", "MsPacman", "Seaquest", "End
 def data_config() -> ml_collections.ConfigDict:
   """Data pipeline fields; see tokdiff/data/pipeline.py for what each source reads."""
   data = ml_collections.ConfigDict()
-  data.source = "atari"  # atari | sample_videos | video_folder | tfds
+  data.source = "atari"  # atari | sample_videos | video_folder | tfds | token_cache
   data.eval_sources = ("atari", "sample_videos")
   data.num_frames = 17  # must be 1 + 4k for the default tokenizer
   data.frame_stride = 1
@@ -47,6 +47,10 @@ def data_config() -> ml_collections.ConfigDict:
   data.tfds.eval_split = "test"
   data.tfds.video_key = "video"
   data.tfds.label_key = "label"
+
+  # Folder written by `python -m launch.tokenize`, read when data.source is 'token_cache'.
+  data.token_cache = ml_collections.ConfigDict()
+  data.token_cache.path = ""
   return data
 
 

@@ -1,5 +1,8 @@
 """Load a trained tokenizer from a workdir and reconstruct videos with it."""
 
+import hashlib
+
+from flax import nnx
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -27,7 +30,7 @@ def load_tokenizer(workdir: str, step: int | None = None
                             "there first with `python -m launch.train`.")
   config = ml_collections.ConfigDict(checkpoints.saved_config(step))
   if config.model_family != "magvit":
-    raise ValueError(f"{workdir} holds a {config.model_family!r} checkpoint, not a tokenizer.")
+    raise ValueError(f"{workdir} contains a {config.model_family!r} checkpoint, not a tokenizer checkpoint.")
 
   mesh = sharding_lib.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
   task = task_lib.make_task(config)
@@ -37,6 +40,23 @@ def load_tokenizer(workdir: str, step: int | None = None
   state, _ = checkpoints.restore(step, factory.abstract_with_shardings())
   checkpoints.close()
   return factory.merge(state.ema_params, state.model_state), config
+
+
+def tokenizer_fingerprint(tokenizer: model_lib.Tokenizer) -> str:
+  """Compute the sha256 hex digest of the tokenizer's parameters.
+
+  The digest covers every nnx.Param's path, dtype, shape and bytes, in sorted path order, so the
+  same checkpoint gives the same digest in every process and run.
+  """
+  digest = hashlib.sha256()
+  flat = nnx.to_flat_state(nnx.state(tokenizer, nnx.Param))
+  entries = sorted((("/".join(str(key) for key in path), variable) for path, variable in flat),
+                   key=lambda entry: entry[0])
+  for name, variable in entries:
+    array = np.ascontiguousarray(jax.device_get(variable[...]))
+    digest.update(f"{name}:{array.dtype.str}:{array.shape};".encode())
+    digest.update(array.tobytes())
+  return digest.hexdigest()
 
 
 def prepare_video(frames: np.ndarray, *, height: int, width: int,

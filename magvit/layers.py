@@ -19,8 +19,8 @@ CONV_KERNEL_AXES = (None, None, None, "conv_in", "conv_out")
 
 TIME_PADDING_MODES = ("zeros", "replicate")
 
-# "stacked_2d" gathers the kt frames each output frame sees along channels and runs one 2D
-# conv; "conv3d" calls XLA's 3D convolution. Both compute the same function.
+# "stacked_2d" concatenates the kt input frames of each output frame along channels and runs
+# one 2D conv. "conv3d" calls XLA's 3D convolution. Both compute the same function.
 CONV_IMPLEMENTATIONS = ("stacked_2d", "conv3d")
 
 
@@ -39,7 +39,7 @@ def _time_stacked_conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int,
   st, sh, sw = strides
   out_frames = (padded_frames - kt) // st + 1
 
-  # Output frame j sees padded frames j*st .. j*st + kt - 1; tap i holds frame j*st + i.
+  # Output frame j reads padded frames j*st .. j*st + kt - 1, and tap i is frame j*st + i.
   taps = [x[:, i:i + st * (out_frames - 1) + 1:st] for i in range(kt)]
   stacked = jnp.concatenate(taps, axis=-1).reshape(batch * out_frames, height, width,
                                                    kt * in_features)
@@ -54,7 +54,7 @@ def _time_stacked_conv(x: jax.Array, kernel: jax.Array, strides: tuple[int, int,
 class CausalConv3d(nnx.Module):
   """3D convolution padded only on the past side in time and SAME-padded in space.
 
-  With temporal kernel kt and stride st, output frame j sees input frames j*st - kt + 1 .. j*st,
+  With temporal kernel kt and stride st, output frame j reads input frames j*st - kt + 1 .. j*st,
   so T input frames give (T - 1) // st + 1 output frames. Missing past frames are zeros or copies
   of the first frame (`time_padding`).
 
@@ -92,7 +92,7 @@ class CausalConv3d(nnx.Module):
     kt, kh, kw = self.kernel_size
     st, sh, sw = self.strides
 
-    # Pad kt - 1 frames on the past side only, so no output frame sees a later input frame.
+    # Pad kt - 1 frames on the past side only, so no output frame reads a later input frame.
     mode = "constant" if self.time_padding == "zeros" else "edge"
     x = jnp.pad(x.astype(self.dtype), ((0, 0), (kt - 1, 0), (0, 0), (0, 0), (0, 0)), mode=mode)
 
@@ -132,7 +132,8 @@ class FrameGroupNorm(nnx.Module):
     *lead, channels = x.shape
     grouped = x.astype(jnp.float32).reshape(*lead, self.num_groups, channels // self.num_groups)
 
-    # Axes (height, width, channels within a group); batch, time and group stay separate.
+    # Reduce over height, width and the channels within a group. Batch, time and group stay
+    # separate.
     axes = (-4, -3, -1)
     mean = jnp.mean(grouped, axis=axes, keepdims=True)
     var = jnp.var(grouped, axis=axes, keepdims=True)
@@ -153,7 +154,7 @@ class ResBlock(nnx.Module):
     self.norm2 = FrameGroupNorm(out_features, num_groups, dtype=dtype, rngs=rngs)
     self.conv2 = CausalConv3d(out_features, out_features, **conv)
 
-    # A 1x1x1 projection only where the width changes; otherwise the skip is the identity.
+    # The skip path is the identity unless the width changes, which needs a 1x1x1 projection.
     self.skip = (CausalConv3d(in_features, out_features, (1, 1, 1), **conv)
                  if in_features != out_features else None)
 
@@ -165,10 +166,10 @@ class ResBlock(nnx.Module):
 
 
 class Downsample(nnx.Module):
-  """Strided causal 3x3x3 conv: 2x in space and/or time.
+  """Causal 3x3x3 conv with stride 2 in space and/or time, where enabled.
 
   In time it pads 2 past frames with stride 2, which maps 1 + 2m frames to 1 + m, and output
-  frame i sees input frames 2i - 2 .. 2i.
+  frame i reads input frames 2i - 2 .. 2i.
   """
 
   def __init__(self, in_features: int, out_features: int, *, temporal: bool, spatial: bool,

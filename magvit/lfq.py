@@ -122,7 +122,7 @@ def quantize(z: jax.Array, *, temperature: float = 0.01,
 
   Returns:
     (q, ids, aux). q has z's shape and dtype with values -1 and +1, and its gradient passes
-    straight through to z. ids are int32 (...,). aux holds scalar per_sample_entropy,
+    straight through to z. ids are int32 (...,). aux contains scalar per_sample_entropy,
     codebook_entropy, entropy_penalty (their difference, to be minimised) and commitment_loss
     (the mean over positions of ||z - stop_gradient(q)||^2).
   """

@@ -24,8 +24,10 @@ def valid_num_frames(num_frames: int, temporal_factor: int) -> bool:
 def nearest_valid_num_frames(num_frames: int, temporal_factor: int) -> int:
   """Return the frame count of the form 1 + temporal_factor * k closest to num_frames.
 
-  A tie goes to the smaller count, because a clip that long can always be cut from the data.
+  A tie goes to the smaller count, because a clip of num_frames frames always contains it.
   """
+  if temporal_factor < 1:
+    raise ValueError(f"temporal_factor={temporal_factor} must be at least 1.")
   k_below = max(num_frames - 1, 0) // temporal_factor
   below, above = 1 + temporal_factor * k_below, 1 + temporal_factor * (k_below + 1)
   return below if num_frames - below <= above - num_frames else above
@@ -210,7 +212,7 @@ class Tokenizer(nnx.Module):
     return self.encoder(video)
 
   def quantize(self, z: jax.Array) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
-    """Quantize latents with LFQ; return (q, ids, aux) as `lfq.quantize` does."""
+    """Quantize latents with LFQ and return (q, ids, aux) as `lfq.quantize` does."""
     return lfq.quantize(z, temperature=self.entropy_temperature,
                         exact_max_bits=self.exact_entropy_max_bits)
 
@@ -231,7 +233,7 @@ class Tokenizer(nnx.Module):
     """Reconstruct video through the quantizer.
 
     Returns:
-      (recon, aux): recon has the video's shape. aux holds z (continuous latents), ids and the
+      (recon, aux): recon has the video's shape. aux contains z (continuous latents), ids and the
       scalar per_sample_entropy, codebook_entropy, entropy_penalty and commitment_loss.
     """
     z = self.encode(video)

@@ -54,24 +54,28 @@ def _run_steps(config, devices, mesh_shape, batch, num_steps):
 @pytest.mark.parametrize("mesh_shape", [{"data": 2, "fsdp": 4, "tensor": 1},
                                         {"data": 2, "fsdp": 1, "tensor": 4}])
 def test_eight_device_mesh_matches_one_device(mesh_shape):
-  config = smoke_config(**{"optimizer.warmup_steps": 0})
+  config = smoke_config(**{"optimizer.warmup_steps": 0, "optimizer.learning_rate": 1e-4})
   rng = np.random.default_rng(0)
   batch = {"video": rng.uniform(-1, 1, (8, 5, 16, 16, 3)).astype(np.float32),
            "label": np.zeros((8,), np.int32)}
 
   single, single_losses = _run_steps(config, jax.devices()[:1],
-                                     {"data": 1, "fsdp": 1, "tensor": 1}, batch, 3)
-  sharded, sharded_losses = _run_steps(config, jax.devices(), mesh_shape, batch, 3)
+                                     {"data": 1, "fsdp": 1, "tensor": 1}, batch, 1)
+  sharded, sharded_losses = _run_steps(config, jax.devices(), mesh_shape, batch, 1)
 
   # The 8-device run must really shard parameters, or the comparison proves nothing.
   specs = [leaf.sharding.spec for leaf in jax.tree.leaves(sharded.params)]
   assert any(any(axis is not None for axis in spec) for spec in specs)
 
-  np.testing.assert_allclose(sharded_losses, single_losses, rtol=1e-4)
-  chex.assert_trees_all_close(jax.device_get(sharded.params), jax.device_get(single.params),
-                              atol=1e-5, rtol=1e-4)
+  np.testing.assert_allclose(sharded_losses, single_losses, rtol=1e-5)
+  # Adam's moments are functions of the gradients alone, so they pin down the sharded
+  # gradient, including its scale, which Adam's normalised update would hide.
   chex.assert_trees_all_close(jax.device_get(sharded.opt_state),
-                              jax.device_get(single.opt_state), atol=1e-5, rtol=1e-4)
+                              jax.device_get(single.opt_state), atol=1e-7, rtol=1e-4)
+  # A gradient within rounding of zero can flip sign between meshes, and Adam then moves
+  # that weight by +lr or -lr, so parameters agree to within the step size.
+  chex.assert_trees_all_close(jax.device_get(sharded.params), jax.device_get(single.params),
+                              atol=2.5e-4, rtol=0)
 
 
 def _train(workdir, *overrides, check=True):

@@ -10,6 +10,7 @@ import json
 import os
 from typing import Any
 
+import grain
 import ml_collections
 import orbax.checkpoint as ocp
 
@@ -56,6 +57,27 @@ class IncompatibleCheckpointError(ValueError):
   """The workdir's checkpoint was written by a run with a different model, data or optimizer."""
 
 
+class _IteratorState:
+  """Adapter that lets grain's orbax handler save a captured iterator state and return one.
+
+  The trainer captures the state right after reading each step's batch, so the saved position
+  matches the saved train state even if the loader has read ahead. Grain writes one file per
+  process, because each process reads its own shard.
+  """
+
+  def __init__(self, state: bytes | None = None):
+    self.state = state
+
+  def get_state(self) -> bytes | None:
+    return self.state
+
+  def set_state(self, state: bytes) -> None:
+    self.state = state
+
+  def start_prefetch(self) -> None:
+    pass
+
+
 class Checkpointer:
   """Keeps the latest N checkpoints of one workdir."""
 
@@ -68,13 +90,13 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
-  def save(self, step: int, state, data_state: dict[str, Any], config: dict[str, Any]) -> bool:
+  def save(self, step: int, state, data_state: bytes, config: dict[str, Any]) -> bool:
     """Start saving `step`; with async checkpoints this returns before the write finishes."""
     return self._manager.save(
         step,
         args=ocp.args.Composite(
             state=ocp.args.StandardSave(state),
-            data=ocp.args.JsonSave(data_state),
+            data=grain.checkpoint.CheckpointSave(_IteratorState(data_state)),
             config=ocp.args.JsonSave(config)),
         force=True)
 
@@ -91,14 +113,22 @@ class Checkpointer:
           "config:\n  " + "\n  ".join(differing) +
           "\nUse a new --workdir for a different run, or restore those values to resume.")
 
-  def restore(self, step: int, abstract_state) -> tuple[Any, dict[str, Any]]:
-    """Restore the train state into `abstract_state`'s shardings, and the data-iterator state."""
-    restored = self._manager.restore(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state),
-            data=ocp.args.JsonRestore()))
-    return restored["state"], restored["data"]
+  def restore(self, step: int, abstract_state) -> tuple[Any, bytes]:
+    """Restore the train state into `abstract_state`'s shardings, and this process's
+    data-iterator state."""
+    try:
+      restored = self._manager.restore(
+          step,
+          args=ocp.args.Composite(
+              state=ocp.args.StandardRestore(abstract_state),
+              data=grain.checkpoint.CheckpointRestore(_IteratorState())))
+    except ValueError as error:
+      if "process_" not in str(error):
+        raise
+      raise IncompatibleCheckpointError(
+          f"step {step} in {self.directory} has no data-iterator state for this process "
+          f"({error}); resume with the same number of processes that wrote it.") from error
+    return restored["state"], restored["data"].state
 
   def wait(self) -> None:
     self._manager.wait_until_finished()

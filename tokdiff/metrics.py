@@ -11,7 +11,7 @@ import numpy as np
 
 
 def _frames(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array, tuple[int, int]]:
-  """Flatten videos (B, T, H, W, C) or images (B, H, W, C) to frames; return (B, T) too."""
+  """Flatten videos (B, T, H, W, C) or images (B, H, W, C) to frames, and return (B, T) too."""
   a, b = jnp.asarray(a, jnp.float32), jnp.asarray(b, jnp.float32)
   if a.shape != b.shape:
     raise ValueError(f"shapes differ: {a.shape} vs {b.shape}.")
@@ -76,8 +76,8 @@ def codebook_usage(ids: jax.Array | np.ndarray, codebook_size: int) -> dict[str,
 
   Returns:
     fraction_used: distinct ids seen / codebook_size.
-    perplexity: exp of the entropy (in nats) of the empirical id histogram; it equals the
-      number of ids used when they are equally frequent and is 1 when only one id appears.
+    perplexity: exp of the entropy (in nats) of the empirical id histogram. It equals the
+      number of ids used when they are equally frequent, and 1 when only one id appears.
   """
   ids = np.asarray(ids).reshape(-1)
   if ids.size == 0:

@@ -20,12 +20,14 @@ Metrics = dict[str, jax.Array]
 # model_family -> module that defines `make_task(config) -> Task`.
 TASK_MODULES = {
     "magvit": "magvit.task",
+    "maskgit": "maskgit.task",
+    "walt": "walt.task",
 }
 
 
 @dataclasses.dataclass
 class EvalContext:
-  """What an evaluation may use besides the model: its inputs and where to write pictures."""
+  """Inputs of an evaluation besides the model, and the writer for its pictures."""
   eval_batches: dict[str, list[dict[str, np.ndarray]]]  # source name -> host batches
   workdir: str
   step: int
@@ -34,7 +36,7 @@ class EvalContext:
 
 
 class Task(Protocol):
-  """What a model package provides to the trainer."""
+  """Model, loss and evaluation that a model package supplies to the trainer."""
 
   def validate(self) -> None:
     """Raise ConfigError for model fields that cannot work, before anything is compiled."""

@@ -99,15 +99,14 @@ class Trainer:
 
     self.checkpoints.check_compatible(step, self.config_dict)
     state, data_state = self.checkpoints.restore(step, self.factory.abstract_with_shardings())
-    data_iterator.set_state(pipeline.loader_state_from_json(data_state))
+    data_iterator.set_state(data_state)
     print(f"Resumed from step {step} in {self.checkpoints.directory}.", flush=True)
     return state
 
   def save(self, state, data_state) -> None:
     """Save `state` with the data-iterator state taken right after its last batch was read."""
     step = int(jax.device_get(state.step))
-    self.checkpoints.save(step, state, pipeline.loader_state_to_json(data_state),
-                          self.config_dict)
+    self.checkpoints.save(step, state, data_state, self.config_dict)
 
   def evaluate(self, state, eval_data) -> dict[str, float]:
     step = int(jax.device_get(state.step))

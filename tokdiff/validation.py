@@ -1,11 +1,13 @@
 """Config checks that run before anything is compiled, so a bad value fails in seconds."""
 
+import os
+
 import ml_collections
 
 from tokdiff import sharding as sharding_lib
 from tokdiff.sharding import ConfigError
 
-DATA_SOURCES = ("atari", "sample_videos", "video_folder", "tfds")
+DATA_SOURCES = ("atari", "sample_videos", "video_folder", "tfds", "token_cache")
 
 
 def check_num_frames(num_frames: int, temporal_factor: int, field: str = "data.num_frames"):
@@ -44,6 +46,21 @@ def check_positive(config: ml_collections.ConfigDict, fields: tuple[str, ...]) -
       raise ConfigError(f"{field}={value} must be positive.")
 
 
+def check_token_cache_path(data: ml_collections.ConfigDict) -> None:
+  """Require data.token_cache.path to be a folder that contains a finished token cache."""
+  path = data.token_cache.path
+  fix = ("Build the cache with `python -m launch.tokenize --workdir=TOKENIZER_DIR "
+         "--output=CACHE_DIR` and set --config.data.token_cache.path=CACHE_DIR.")
+  if not path:
+    raise ConfigError(f"data.token_cache.path is empty, but the 'token_cache' source is used. "
+                      f"{fix}")
+  if not os.path.isdir(path):
+    raise ConfigError(f"data.token_cache.path={path!r} does not exist or is not a folder. {fix}")
+  if not os.path.isfile(os.path.join(path, "cache_info.json")):
+    raise ConfigError(f"data.token_cache.path={path!r} has no cache_info.json, so it is not a "
+                      f"finished token cache. {fix}")
+
+
 def validate_common(config: ml_collections.ConfigDict, num_devices: int,
                     num_processes: int) -> tuple[int, ...]:
   """Check the fields every model shares; return the resolved mesh shape."""
@@ -62,6 +79,8 @@ def validate_common(config: ml_collections.ConfigDict, num_devices: int,
   for name in (data.source, *data.eval_sources):
     if name not in DATA_SOURCES:
       raise ConfigError(f"data source {name!r} is unknown; use one of {DATA_SOURCES}.")
+  if "token_cache" in (data.source, *data.eval_sources):
+    check_token_cache_path(data)
   if data.on_bad_video not in ("skip", "raise"):
     raise ConfigError(f"data.on_bad_video={data.on_bad_video!r}; use 'skip' or 'raise'.")
   if config.optimizer.ema_decay < 0 or config.optimizer.ema_decay >= 1:

@@ -6,10 +6,13 @@ The `data` ConfigDict has these fields:
   atari.{games, num_train_clips, num_eval_clips, train_seed, eval_seed, max_warmup_steps,
          frame_skip},
   video_folder.{path, eval_path},
-  tfds.{name, data_dir, train_split, eval_split, video_key, label_key}.
+  tfds.{name, data_dir, train_split, eval_split, video_key, label_key},
+  token_cache.{path}.
 
 Batches are dicts of numpy arrays: `video` float32 (B, T, H, W, 3) in [-1, 1] and `label`
 int32 (B,). Evaluation batches also contain `clip_id` (B,) strings and a boolean `mask` (B,).
+The 'token_cache' source (a folder written by `python -m launch.tokenize`) yields `tokens` int32
+(B, t, h, w) and `latents` float32 (B, t, h, w, K) in place of `video`.
 """
 
 from __future__ import annotations
@@ -21,9 +24,11 @@ import numpy as np
 
 from tokdiff.data import atari
 from tokdiff.data import sources
+from tokdiff.data import token_cache
 from tokdiff.data import transforms
 
 SOURCE_NAMES = ("atari", "sample_videos", "video_folder", "tfds")
+TOKEN_CACHE = "token_cache"
 SPLITS = ("train", "eval")
 
 
@@ -151,7 +156,8 @@ def make_train_loader(
   Returns:
     A grain.DataLoader. Its iterator yields `video` float32 (B, T, H, W, 3) in [-1, 1] and
     `label` int32 (B,) with B = global_batch_size // process_count, and supports
-    `get_state()` / `set_state(state)` (see `loader_state_to_json`).
+    `get_state()` / `set_state(state)` (see `loader_state_to_json`). With data.source
+    'token_cache' it yields `tokens`, `latents` and `label` from the cache's train split.
   """
   if global_batch_size % process_count:
     raise ValueError(
@@ -165,7 +171,12 @@ def make_train_loader(
     )
   batch_size = global_batch_size // process_count
 
-  source = make_source(data, "train")
+  if data.source == TOKEN_CACHE:
+    source = token_cache.TokenCacheSource(data.token_cache.path, "train")
+    operations = [token_cache.TrainElement()]
+  else:
+    source = make_source(data, "train")
+    operations = [DropUnreadable(), TrainClip(clip_spec(data, train=True))]
   if len(source) < process_count:
     raise ValueError(
         f"The training source has {len(source)} records, fewer than the {process_count} "
@@ -181,11 +192,7 @@ def make_train_loader(
       num_epochs=None,
       seed=combine_seeds(data.shuffle_seed, seed),
   )
-  operations = [
-      DropUnreadable(),
-      TrainClip(clip_spec(data, train=True)),
-      grain.Batch(batch_size, drop_remainder=True),
-  ]
+  operations.append(grain.Batch(batch_size, drop_remainder=True))
   # Raw records can be whole decoded videos, so prefetch a few batches rather than grain's
   # default of 500 records.
   read_options = grain.ReadOptions(num_threads=4, prefetch_buffer_size=max(2 * batch_size, 8))
@@ -230,17 +237,21 @@ def eval_batches(
 
   Args:
     data: the `data` config section.
-    source_name: one of SOURCE_NAMES, usually an entry of `data.eval_sources`.
+    source_name: one of SOURCE_NAMES or 'token_cache', usually an entry of `data.eval_sources`.
     batch_size: clips per batch.
     max_batches: stop after this many batches, or None to use the whole split.
 
   Returns:
     A list of dicts with `video` float32 (batch_size, T, H, W, 3), `label` int32, `clip_id`
     str and `mask` bool, each of shape (batch_size,) after `video`. The last batch is padded by
-    repeating its clips, and `mask` is False on the padding.
+    repeating its clips, and `mask` is False on the padding. For 'token_cache', `tokens` and
+    `latents` replace `video` (see `token_cache.eval_batches`).
   """
   if batch_size < 1:
     raise ValueError(f"batch_size must be at least 1, got {batch_size}.")
+  if source_name == TOKEN_CACHE:
+    return token_cache.eval_batches(data.token_cache.path, batch_size=batch_size,
+                                    max_batches=max_batches)
   source = make_source(data, "eval", source_name)
   spec = clip_spec(data, train=False)
   max_clips = None if max_batches is None else batch_size * max_batches
