@@ -102,6 +102,7 @@ def _shrink_to_smoke(config: ml_collections.ConfigDict) -> None:
 
   config.model.base_channels = 8
   config.model.channel_multipliers = (1, 1, 2)
+  config.model.spatial_downsample = (True, True, True)
   config.model.num_groups = 4
   config.model.latent_bits = 6
 

@@ -1,6 +1,6 @@
 """Atomic, asynchronous checkpoints of the train state, data-iterator state and config (orbax).
 
-Resume order: a workdir that already holds a checkpoint always resumes from its latest step;
+Resume order: a workdir that already contains a checkpoint always resumes from its latest step;
 otherwise training starts from scratch with `config.seed`. Orbax writes each step into a temporary
 folder and renames it when complete, so an interrupted save never leaves a half-written step
 behind as the latest one.

@@ -39,7 +39,7 @@ def plot_loss_curves(runs: dict[str, str], output_path: str, key: str = "loss") 
   return output_path
 
 
-def _markdown_table(columns: list[str], rows: list[dict[str, Any]]) -> str:
+def markdown_table(columns: list[str], rows: list[dict[str, Any]]) -> str:
   lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
   for row in rows:
     lines.append("| " + " | ".join(_format(row.get(column, "")) for column in columns) + " |")
@@ -73,7 +73,7 @@ def write_report(output_dir: str, *, title: str, summary: str, columns: list[str
   relative = {caption: os.path.relpath(path, output_dir) for caption, path in figures.items()}
   config_text = json.dumps(config, indent=2, sort_keys=True)
 
-  markdown = [f"# {title}", "", summary, "", _markdown_table(columns, rows), ""]
+  markdown = [f"# {title}", "", summary, "", markdown_table(columns, rows), ""]
   markdown += [f"- {note}" for note in notes] + [""]
   for caption, path in relative.items():
     markdown += [f"## {caption}", "", f"![{caption}]({path})", ""]

@@ -126,6 +126,38 @@ class Trainer:
             for name in self.config.data.eval_sources}
 
 
+def step_flops(config: ml_collections.ConfigDict) -> float:
+  """Return the FLOPs of one compiled train step from XLA's cost analysis.
+
+  For a step sharded over several devices XLA analyses one device's partition, so this is the
+  count per device.
+  """
+  validation.validate_common(config, jax.device_count(), jax.process_count())
+  task = task_lib.make_task(config)
+  task.validate()
+  mesh = sharding_lib.make_mesh({"data": config.mesh.data, "fsdp": config.mesh.fsdp,
+                                 "tensor": config.mesh.tensor})
+  tx = optim.make_optimizer(config.optimizer, config.train.num_steps)
+  factory = train_state.StateFactory(task.build_model, tx, mesh,
+                                     sharding_lib.rules_dict(config.mesh.axis_rules))
+
+  loader = pipeline.make_train_loader(config.data, global_batch_size=config.train.batch_size,
+                                      seed=config.seed, process_index=jax.process_index(),
+                                      process_count=jax.process_count())
+  example = _device_fields(next(iter(loader)))
+  abstract_batch = {
+      key: jax.ShapeDtypeStruct((config.train.batch_size, *value.shape[1:]), value.dtype,
+                                sharding=sharding_lib.batch_sharding(mesh, value.ndim))
+      for key, value in example.items()}
+
+  step_fn = make_train_step(task, factory, config.optimizer.ema_decay)
+  compiled = jit_train_step(step_fn, factory, example).lower(
+      factory.abstract_with_shardings(), abstract_batch).compile()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost.get("flops", float("nan")))
+
+
 def _check_finite(step: int, metrics: dict[str, float]) -> None:
   loss = metrics["loss"]
   if not math.isfinite(loss):
