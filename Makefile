@@ -3,9 +3,10 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-DEMO_DIR ?= runs/demo_magvit
+DEMO_DIR ?= runs/compare_tiny
+TOKENIZER_DEMO_DIR ?= runs/demo_magvit
 
-.PHONY: demo test clean-demo
+.PHONY: demo demo-tokenizer test clean-demo
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -13,12 +14,17 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[test]"
 	touch $(STAMP)
 
-# Train the tiny tokenizer on the embedded Atari clips; run again to resume or re-evaluate.
+# The tiny comparison on the embedded Atari clips: tokenizer, token cache, MaskGIT, WALT, report.
+# Rerunning reuses finished stages.
 demo: $(STAMP)
-	$(BIN)/python -m launch.train --config=configs/magvit.py:tiny --workdir=$(DEMO_DIR)
+	$(BIN)/python -m launch.compare --config=configs/compare.py:tiny --workdir=$(DEMO_DIR)
+
+# Only the tiny tokenizer, with its reconstruction GIFs and PSNR/SSIM before and after training.
+demo-tokenizer: $(STAMP)
+	$(BIN)/python -m launch.train --config=configs/magvit.py:tiny --workdir=$(TOKENIZER_DEMO_DIR)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -n 2 --durations=15 tests
 
 clean-demo:
-	rm -rf $(DEMO_DIR)
+	rm -rf $(DEMO_DIR) $(TOKENIZER_DEMO_DIR)

@@ -111,3 +111,30 @@ def eval_config() -> ml_collections.ConfigDict:
   ev.num_visualized = 8  # clips per reconstruction grid
   ev.gif_fps = 8
   return ev
+
+
+def shrink_loop_to_cpu(config: ml_collections.ConfigDict, num_steps: int) -> None:
+  """Set the optimizer, loop and eval sizes every model's CPU-sized `tiny` variant shares."""
+  config.optimizer.learning_rate = 1e-3
+  config.optimizer.warmup_steps = 50
+  config.optimizer.ema_decay = 0.99
+
+  config.train.num_steps = num_steps
+  config.train.batch_size = 8
+  config.train.log_every = 25
+  config.train.eval_every = num_steps // 2
+  config.train.checkpoint_every = 100
+
+  config.eval.batch_size = 8
+  config.eval.max_batches = 2
+
+
+def shrink_loop_to_smoke(config: ml_collections.ConfigDict) -> None:
+  """Set a 4-step loop that checkpoints twice, for tests of every model."""
+  config.optimizer.warmup_steps = 1
+  config.train.num_steps = 4
+  config.train.log_every = 1
+  config.train.eval_every = 1000
+  config.train.checkpoint_every = 2
+  config.train.progress_bar = False
+  config.eval.max_batches = 1

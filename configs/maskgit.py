@@ -76,18 +76,7 @@ def _shrink_to_tiny(config: ml_collections.ConfigDict) -> None:
 
   config.sampling.num_steps = 8
 
-  config.optimizer.learning_rate = 1e-3
-  config.optimizer.warmup_steps = 50
-  config.optimizer.ema_decay = 0.99
-
-  config.train.num_steps = 600
-  config.train.batch_size = 8
-  config.train.log_every = 25
-  config.train.eval_every = 300
-  config.train.checkpoint_every = 100
-
-  config.eval.batch_size = 8
-  config.eval.max_batches = 2
+  common.shrink_loop_to_cpu(config, num_steps=600)
 
 
 def _shrink_to_smoke(config: ml_collections.ConfigDict) -> None:
@@ -101,11 +90,5 @@ def _shrink_to_smoke(config: ml_collections.ConfigDict) -> None:
 
   config.sampling.num_steps = 4  # the smoke tokenizer's 2x2x2 grid has 8 tokens
 
-  config.optimizer.warmup_steps = 1
-  config.train.num_steps = 4
-  config.train.log_every = 1
-  config.train.eval_every = 1000
-  config.train.checkpoint_every = 2
-  config.train.progress_bar = False
-  config.eval.max_batches = 1
+  common.shrink_loop_to_smoke(config)
   config.eval.num_samples = 2

@@ -220,8 +220,7 @@ def _run_loop(trainer: Trainer, state, data_iterator, eval_data) -> dict[str, fl
   num_params = train_state.count_params(state.params)
   print(f"{trainer.config.model_family}: {num_params:,} parameters, mesh "
         f"{dict(trainer.mesh.shape)}, steps {start} -> {train.num_steps}", flush=True)
-  if start == 0:
-    trainer.evaluate(state, eval_data)
+  initial = trainer.evaluate(state, eval_data) if start == 0 else {}
 
   progress = logger_lib.Progress(start, train.num_steps, enabled=train.progress_bar)
   results = {}
@@ -256,7 +255,19 @@ def _run_loop(trainer: Trainer, state, data_iterator, eval_data) -> dict[str, fl
           raise KeyboardInterrupt
     finally:
       progress.close()
+  _print_summary(initial, results, trainer.workdir)
   return results
+
+
+def _print_summary(initial: dict[str, float], final: dict[str, float], workdir: str) -> None:
+  """Print each eval metric at the start and end of this run side by side."""
+  if not final:
+    return
+  lines = [f"  {key}: {initial[key]:.4g} -> {value:.4g}" if key in initial else
+           f"  {key}: {value:.4g}" for key, value in sorted(final.items())]
+  print("Eval at start -> end of this run:\n" + "\n".join(lines) +
+        f"\nMetrics: {os.path.join(workdir, 'metrics.jsonl')}, GIFs: "
+        f"{os.path.join(workdir, 'samples')}", flush=True)
 
 
 def _device_fields(batch) -> dict[str, np.ndarray]:
