@@ -23,7 +23,7 @@ to_uint8 = task_lib.to_uint8
 def load_tokenizer(workdir: str, step: int | None = None
                    ) -> tuple[model_lib.Tokenizer, ml_collections.ConfigDict]:
   """Return the tokenizer with the EMA parameters of `step` (default: latest) and its config."""
-  checkpoints = checkpoint_lib.Checkpointer(workdir, keep=1, use_async=False)
+  checkpoints = checkpoint_lib.Checkpointer(workdir, keep=1, use_async=False, create=False)
   step = checkpoints.latest_step() if step is None else step
   if step is None:
     raise FileNotFoundError(f"no checkpoint in {checkpoints.directory}; train a tokenizer "

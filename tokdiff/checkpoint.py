@@ -81,10 +81,14 @@ class _IteratorState:
 class Checkpointer:
   """Keeps the latest N checkpoints of one workdir."""
 
-  def __init__(self, workdir: str, *, keep: int, use_async: bool):
+  def __init__(self, workdir: str, *, keep: int, use_async: bool, create: bool = True):
+    """Open the checkpoints of `workdir`; readers pass create=False to leave no folder behind."""
     self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    if not create and not os.path.isdir(self.directory):
+      raise FileNotFoundError(f"no checkpoints folder in {os.path.abspath(workdir)}; train "
+                              "there first with `python -m launch.train`, or check --workdir.")
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, create=True, enable_async_checkpointing=use_async)
+        max_to_keep=keep, create=create, enable_async_checkpointing=use_async)
     self._manager = ocp.CheckpointManager(self.directory, options=options)
 
   def latest_step(self) -> int | None:
