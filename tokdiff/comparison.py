@@ -178,13 +178,15 @@ def _write(config, workdir: str, rows: dict, sets: dict, seconds: float) -> dict
       f"FVD: Kinetics-400 I3D features of {config.num_videos} generated videos against "
       f"{config.num_videos} held-out real clips of the tokenizer's training source. Small "
       "sets make FVD noisy and biased upwards; compare values within one report.",
-      "tokenizer reconstruction: real clips encoded and decoded, the floor (rFVD) for both "
-      "generators. random tokens: uniformly random token ids decoded, the trivial baseline.",
+      "tokenizer reconstruction: the real clips encoded and decoded (rFVD). With enough "
+      "videos it bounds what a generator decoded by this tokenizer can reach; below it, the "
+      "differences are within FVD's sampling noise. random tokens: uniformly random token ids "
+      "decoded, the trivial baseline.",
       "Both generators trained on the same token cache with the same batch size, step count "
       "and mesh. flops_per_step is XLA's cost analysis of the compiled train step; "
       "train_step_s is the median logged step time; sampling time includes decoding.",
-      f"Whole comparison: {seconds / 60:.1f} min on {jax.device_count()} "
-      f"{jax.default_backend()} device(s).",
+      f"This run of the command: {seconds / 60:.1f} min on {jax.device_count()} "
+      f"{jax.default_backend()} device(s), not counting stages reused from earlier runs.",
   ]
   md_path, html_path = report_lib.write_report(
       workdir, title="Masked tokens versus latent diffusion",

@@ -26,8 +26,10 @@ def plot_loss_curves(runs: dict[str, str], output_path: str, key: str = "loss") 
   """Plot `key` against step for each named run's workdir into one PNG."""
   figure, axis = plt.subplots(figsize=(7, 4), dpi=120)
   for name, workdir in runs.items():
-    records = [r for r in read_metrics(workdir) if key in r]
-    axis.plot([r["step"] for r in records], [r[key] for r in records], label=name)
+    # A resumed run logs again the steps after its checkpoint; the latest record of a step wins.
+    by_step = {r["step"]: r[key] for r in read_metrics(workdir) if key in r}
+    steps = sorted(by_step)
+    axis.plot(steps, [by_step[step] for step in steps], label=name)
   axis.set_xlabel("step")
   axis.set_ylabel(f"training {key}")
   axis.set_yscale("log")
