@@ -43,7 +43,9 @@ def main(argv):
   recon, scores = inference.reconstruct(tokenizer, video)
 
   output = np.concatenate([video, recon], axis=2) if _SIDE_BY_SIDE.value else recon
-  video_io.write_mp4(_OUTPUT.value, inference.to_uint8(output))
+  # The output keeps the input's frame rate, rounded to whole frames per second.
+  fps = max(1, round(video_io.read_fps(_INPUT.value)))
+  video_io.write_mp4(_OUTPUT.value, inference.to_uint8(output), fps=fps)
   print(f"{video.shape[0]} frames at {height}x{width}: PSNR {scores['psnr']:.2f} dB, "
         f"SSIM {scores['ssim']:.4f}; wrote {_OUTPUT.value}")
 

@@ -153,10 +153,12 @@ def run_comparison(config: ml_collections.ConfigDict, workdir: str) -> dict:
     rows[name] = measure_generator(gen_config, os.path.join(workdir, name), labels)
     sets[name] = rows[name].pop("videos")
 
+  # The real clips are embedded once and shared by every FVD estimate.
+  real_stats = fvd_lib.feature_stats(fvd_lib.embed_videos(real, config.fvd_batch_size))
   for name, videos in sets.items():
     if name != "real":
-      rows.setdefault(name, {})["fvd"] = fvd_lib.compute_fvd(real, videos,
-                                                             batch_size=config.fvd_batch_size)
+      fake_stats = fvd_lib.feature_stats(fvd_lib.embed_videos(videos, config.fvd_batch_size))
+      rows.setdefault(name, {})["fvd"] = fvd_lib.frechet_distance(*real_stats, *fake_stats)
       print(f"FVD {name}: {rows[name]['fvd']:.1f}", flush=True)
   return _write(config, workdir, rows, sets, time.perf_counter() - started)
 

@@ -98,6 +98,11 @@ class Trainer:
       return self.factory.init(self.config.seed)
 
     self.checkpoints.check_compatible(step, self.config_dict)
+    saved_steps = self.checkpoints.saved_config(step)["train"]["num_steps"]
+    if saved_steps != self.config.train.num_steps:
+      print(f"WARNING: train.num_steps changed from {saved_steps} to "
+            f"{self.config.train.num_steps}; the learning-rate schedule now warms up and decays "
+            "over the new length, so the run does not continue the old schedule.", flush=True)
     state, data_state = self.checkpoints.restore(step, self.factory.abstract_with_shardings())
     data_iterator.set_state(data_state)
     print(f"Resumed from step {step} in {self.checkpoints.directory}.", flush=True)

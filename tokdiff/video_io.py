@@ -151,6 +151,18 @@ def _check_frames(frames: np.ndarray) -> np.ndarray:
   return np.ascontiguousarray(frames)
 
 
+def read_fps(path: str | os.PathLike, default: float = 8.0) -> float:
+  """Return the frame rate a video file declares, or `default` when FFmpeg finds none."""
+  try:
+    with av.open(str(path)) as container:
+      streams = container.streams.video
+      rate = streams[0].average_rate if streams else None
+  except av.error.FFmpegError:
+    # Frames are read separately (GIFs through Pillow); a missing rate is not worth failing for.
+    rate = None
+  return float(rate) if rate else default
+
+
 def write_mp4(path: str | os.PathLike, frames: np.ndarray, fps: int = 8) -> None:
   """Encode frames as H.264 (yuv420p) in an MP4 file.
 

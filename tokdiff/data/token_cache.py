@@ -133,7 +133,7 @@ def read_cache_info(path: str | os.PathLike) -> dict[str, Any]:
   """Read and check a cache's cache_info.json.
 
   Returns:
-    The stored dict (keys listed in REQUIRED_INFO_KEYS and more, see `launch.tokenize`) with
+    The stored dict (keys listed in REQUIRED_INFO_KEYS and more, see `tokdiff.data.cache_builder`) with
     `path` added: the cache folder as an absolute path.
 
   Raises:
