@@ -3,7 +3,7 @@
   python -m launch.reconstruct --workdir=runs/demo_magvit --input=clip.mp4 --output=recon.mp4
 
 The video is resized to the checkpoint's training resolution (or --height/--width) and cut to the
-longest 1+4k frame prefix; the reconstruction is written as mp4 and its PSNR and SSIM printed.
+longest 1+4k frame prefix. The reconstruction is written as mp4, and its PSNR and SSIM printed.
 """
 
 from absl import app

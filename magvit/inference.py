@@ -12,9 +12,7 @@ from magvit import model as model_lib
 from magvit import task as task_lib
 from tokdiff import checkpoint as checkpoint_lib
 from tokdiff import metrics as metrics_lib
-from tokdiff import optim
-from tokdiff import sharding as sharding_lib
-from tokdiff import train_state
+from tokdiff import trainer
 from tokdiff.data import transforms
 
 to_uint8 = task_lib.to_uint8
@@ -29,17 +27,13 @@ def load_tokenizer(workdir: str, step: int | None = None
     raise FileNotFoundError(f"no checkpoint in {checkpoints.directory}; train a tokenizer "
                             "there first with `python -m launch.train`.")
   config = ml_collections.ConfigDict(checkpoints.saved_config(step))
-  if config.model_family != "magvit":
-    raise ValueError(f"{workdir} contains a {config.model_family!r} checkpoint, not a tokenizer checkpoint.")
-
-  mesh = sharding_lib.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
-  task = task_lib.make_task(config)
-  tx = optim.make_optimizer(config.optimizer, config.train.num_steps)
-  factory = train_state.StateFactory(task.build_model, tx, mesh,
-                                     sharding_lib.rules_dict(config.mesh.axis_rules))
-  state, _ = checkpoints.restore(step, factory.abstract_with_shardings())
   checkpoints.close()
-  return factory.merge(state.ema_params, state.model_state), config
+  if config.model_family != "magvit":
+    raise ValueError(f"{workdir} contains a {config.model_family!r} checkpoint, not a tokenizer "
+                     "checkpoint; pass the workdir of a magvit run.")
+
+  _, tokenizer, _ = trainer.load_ema_model(config, workdir, step)
+  return tokenizer, config
 
 
 def tokenizer_fingerprint(tokenizer: model_lib.Tokenizer) -> str:

@@ -103,8 +103,8 @@ class TokenizerTask:
       ssim.append(outputs["ssim"][keep])
       ids.append(outputs["ids"][keep])
       if grid_rows is None:
-        shown = self.config.eval.num_visualized
-        grid_rows = [to_uint8(batch["video"][:shown]), to_uint8(outputs["recon"][:shown])]
+        num_shown = self.config.eval.num_visualized
+        grid_rows = [to_uint8(batch["video"][:num_shown]), to_uint8(outputs["recon"][:num_shown])]
 
     usage = metrics_lib.codebook_usage(np.concatenate(ids), 2 ** self.config.model.latent_bits)
     path = context.writer.write_gif(context.step, f"recon/{source}",

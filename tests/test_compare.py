@@ -30,7 +30,8 @@ def test_smoke_comparison_writes_report(tmp_path):
     assert all(cell.strip() for cell in cells), cells
 
   html = (tmp_path / "report.html").read_text()
-  assert "<table>" in html and "random tokens" in html
+  assert "<table>" in html
+  assert "random tokens" in html
   assert (tmp_path / "loss_curves.png").stat().st_size > 0
   for name in ("real", "maskgit", "walt", "tokenizer_reconstruction", "random_tokens"):
     assert (tmp_path / "samples" / f"{name}.gif").stat().st_size > 0

@@ -17,11 +17,7 @@ from magvit import inference
 from tokdiff import checkpoint as checkpoint_lib
 from tokdiff import fvd as fvd_lib
 from tokdiff import generation
-from tokdiff import optim
 from tokdiff import report as report_lib
-from tokdiff import sharding as sharding_lib
-from tokdiff import task as task_lib
-from tokdiff import train_state
 from tokdiff import trainer
 from tokdiff import video_io
 from tokdiff.data import cache_builder
@@ -61,20 +57,6 @@ def ensure_cache(tokenizer_dir: str, cache_dir: str, latent: str) -> dict:
   return token_cache.read_cache_info(cache_dir)
 
 
-def load_ema_model(config: ml_collections.ConfigDict, workdir: str):
-  """Return the task and its model with the EMA parameters of the latest checkpoint."""
-  task = task_lib.make_task(config)
-  mesh = sharding_lib.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
-  tx = optim.make_optimizer(config.optimizer, config.train.num_steps)
-  factory = train_state.StateFactory(task.build_model, tx, mesh,
-                                     sharding_lib.rules_dict(config.mesh.axis_rules))
-  checkpoints = checkpoint_lib.Checkpointer(workdir, keep=1, use_async=False)
-  state, _ = checkpoints.restore(checkpoints.latest_step(), factory.abstract_with_shardings())
-  checkpoints.close()
-  return task, factory.merge(state.ema_params, state.model_state), train_state.count_params(
-      state.params)
-
-
 def real_clips(tokenizer_config: ml_collections.ConfigDict,
                num_videos: int) -> tuple[np.ndarray, np.ndarray]:
   """Return held-out clips of the tokenizer's training source, uint8 (N, T, H, W, 3), and labels."""
@@ -110,7 +92,7 @@ def random_token_videos(tokenizer, info: dict, num_videos: int, seed: int) -> np
 
 def measure_generator(config, workdir: str, labels: np.ndarray) -> dict:
   """Sample one video per label and collect the figures of the report's table."""
-  task, model, num_params = load_ema_model(config, workdir)
+  task, model, num_params = trainer.load_ema_model(config, workdir)
   rng = jax.random.key(config.seed + 1)
   task.generate(model, labels, rng)  # compile outside the timed run
 

@@ -95,8 +95,8 @@ class Progress:
 
     timing = {"step_time_s": step_time, "steps_per_s": 1.0 / max(step_time, 1e-9)}
     eta = (self.num_steps - step) * step_time
-    shown = " ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()))
-    line = (f"step {step}/{self.num_steps} {shown} | {step_time:.3f} s/step, "
+    metrics_text = " ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()))
+    line = (f"step {step}/{self.num_steps} {metrics_text} | {step_time:.3f} s/step, "
             f"{timing['steps_per_s']:.2f} steps/s, ETA {_format_seconds(eta)}")
     return line, timing
 

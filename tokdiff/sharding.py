@@ -1,6 +1,6 @@
 """Device mesh from the config, and logical axis rules that map parameter and batch axes onto it.
 
-Parameters carry logical axis names (for example ("embed", "mlp")); the config's rules say which
+Parameters carry logical axis names (for example ("embed", "mlp")); the config's rules name the
 mesh axis each name is split over. A mesh axis is dropped for a dimension it does not divide, so a
 small layer stays replicated instead of failing to compile.
 """
@@ -86,7 +86,12 @@ def logical_to_mesh_spec(logical: Sequence[str | None] | None, shape: Sequence[i
         continue
       kept.append(axis)
     used.update(kept)
-    spec.append(tuple(kept) if len(kept) > 1 else (kept[0] if kept else None))
+    if len(kept) > 1:
+      spec.append(tuple(kept))
+    elif kept:
+      spec.append(kept[0])
+    else:
+      spec.append(None)
   return PartitionSpec(*spec)
 
 
@@ -112,19 +117,23 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
 
 
+def device_fields(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """Select the batch entries that become device arrays; strings such as clip ids stay on the host."""
+  return {key: value for key, value in batch.items()
+          if np.asarray(value).dtype.kind not in "OUS"}
+
+
 def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
   """Assemble each process's local numpy batch into global arrays sharded over the batch axes."""
   arrays = {}
-  for key, value in local_batch.items():
+  for key, value in device_fields(local_batch).items():
     value = np.asarray(value)
-    if value.dtype.kind in "OUS":  # strings such as clip ids stay on the host
-      continue
     arrays[key] = jax.make_array_from_process_local_data(batch_sharding(mesh, value.ndim), value)
   return arrays
 
 
 def host_to_global(array: np.ndarray, mesh: Mesh) -> jax.Array:
-  """Shard an array that every process holds in full (e.g. a deterministic eval batch)."""
+  """Shard an array that every process has in full (e.g. a deterministic eval batch)."""
   array = np.asarray(array)
   sharding = batch_sharding(mesh, array.ndim)
   return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])

@@ -1,6 +1,6 @@
 """Train state as plain pytrees, built through `eval_shape` and placed sharded on the mesh.
 
-The state holds nested dicts of arrays, not NNX modules, so optax, orbax and jit all see ordinary
+The state contains nested dicts of arrays, not NNX modules, so optax, orbax and jit all see ordinary
 pytrees. A model is rebuilt inside a traced function with `nnx.merge(graphdef, params, rest)`.
 """
 

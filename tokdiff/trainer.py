@@ -1,6 +1,6 @@
 """The one training loop shared by the tokenizer, MaskGIT and WALT.
 
-A model package supplies a `Task` (model, loss, evaluation); this module owns the mesh, sharded
+A model package supplies a `Task` (model, loss, evaluation). This module owns the mesh, sharded
 state, optimizer and EMA, the jitted step, checkpoints with exact resume, logging and NaN checks.
 """
 
@@ -62,6 +62,36 @@ def jit_train_step(step_fn, factory: train_state.StateFactory, batch_example):
                  donate_argnums=0)
 
 
+def make_state_factory(config: ml_collections.ConfigDict, task: task_lib.Task,
+                       mesh: jax.sharding.Mesh) -> train_state.StateFactory:
+  """Build the state factory of `task` on `mesh`, with the config's optimizer and axis rules."""
+  tx = optim.make_optimizer(config.optimizer, config.train.num_steps)
+  return train_state.StateFactory(task.build_model, tx, mesh,
+                                  sharding_lib.rules_dict(config.mesh.axis_rules))
+
+
+def load_ema_model(config: ml_collections.ConfigDict, workdir: str, step: int | None = None):
+  """Load the EMA parameters of a checkpoint (default: the latest) on one device.
+
+  Returns:
+    (task, model, num_params): the config's task, its model with EMA parameters, and the
+    parameter count.
+  """
+  checkpoints = checkpoint_lib.Checkpointer(workdir, keep=1, use_async=False, create=False)
+  step = checkpoints.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"no checkpoint in {checkpoints.directory}; train there first "
+                            "with `python -m launch.train`.")
+
+  task = task_lib.make_task(config)
+  mesh = sharding_lib.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+  factory = make_state_factory(config, task, mesh)
+  state, _ = checkpoints.restore(step, factory.abstract_with_shardings())
+  checkpoints.close()
+  model = factory.merge(state.ema_params, state.model_state)
+  return task, model, train_state.count_params(state.params)
+
+
 class Trainer:
   """Runs one training job in one workdir; see `train_and_evaluate`."""
 
@@ -73,11 +103,9 @@ class Trainer:
     mesh_shape = validation.validate_common(config, jax.device_count(), jax.process_count())
     self.task.validate()
     self.mesh = sharding_lib.make_mesh(dict(zip(sharding_lib.MESH_AXES, mesh_shape)))
-    rules = sharding_lib.rules_dict(config.mesh.axis_rules)
 
-    tx = optim.make_optimizer(config.optimizer, config.train.num_steps)
     self.schedule = optim.learning_rate_schedule(config.optimizer, config.train.num_steps)
-    self.factory = train_state.StateFactory(self.task.build_model, tx, self.mesh, rules)
+    self.factory = make_state_factory(config, self.task, self.mesh)
     self.checkpoints = checkpoint_lib.Checkpointer(
         self.workdir, keep=config.train.keep_checkpoints, use_async=config.train.async_checkpoints)
     self.logger = logger_lib.MetricLogger(self.workdir, is_primary=jax.process_index() == 0)
@@ -120,8 +148,8 @@ class Trainer:
                                    mesh=self.mesh, writer=self.logger)
     results = self.task.evaluate(model, context)
     self.logger.write_scalars(step, {f"eval/{k}": v for k, v in results.items()})
-    shown = ", ".join(f"{k}={v:.4g}" for k, v in sorted(results.items()))
-    print(f"eval at step {step}: {shown}", flush=True)
+    metrics_text = ", ".join(f"{k}={v:.4g}" for k, v in sorted(results.items()))
+    print(f"eval at step {step}: {metrics_text}", flush=True)
     return results
 
   def load_eval_data(self) -> dict[str, list[dict[str, np.ndarray]]]:
@@ -142,14 +170,12 @@ def step_flops(config: ml_collections.ConfigDict) -> float:
   task.validate()
   mesh = sharding_lib.make_mesh({"data": config.mesh.data, "fsdp": config.mesh.fsdp,
                                  "tensor": config.mesh.tensor})
-  tx = optim.make_optimizer(config.optimizer, config.train.num_steps)
-  factory = train_state.StateFactory(task.build_model, tx, mesh,
-                                     sharding_lib.rules_dict(config.mesh.axis_rules))
+  factory = make_state_factory(config, task, mesh)
 
   loader = pipeline.make_train_loader(config.data, global_batch_size=config.train.batch_size,
                                       seed=config.seed, process_index=jax.process_index(),
                                       process_count=jax.process_count())
-  example = _device_fields(next(iter(loader)))
+  example = sharding_lib.device_fields(next(iter(loader)))
   abstract_batch = {
       key: jax.ShapeDtypeStruct((config.train.batch_size, *value.shape[1:]), value.dtype,
                                 sharding=sharding_lib.batch_sharding(mesh, value.ndim))
@@ -172,7 +198,7 @@ def _check_finite(step: int, metrics: dict[str, float]) -> None:
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-  """Train `config.model_family` in `workdir`, resuming if it holds a checkpoint.
+  """Train `config.model_family` in `workdir`, resuming if it contains a checkpoint.
 
   Returns the final evaluation results.
   """
@@ -234,7 +260,7 @@ def _run_loop(trainer: Trainer, state, data_iterator, eval_data) -> dict[str, fl
       for step in range(start + 1, train.num_steps + 1):
         batch = next(data_iterator)
         if train_step is None:
-          train_step = jit_train_step(step_fn, trainer.factory, _device_fields(batch))
+          train_step = jit_train_step(step_fn, trainer.factory, sharding_lib.device_fields(batch))
         state, metrics = train_step(state, sharding_lib.global_batch(batch, trainer.mesh))
         data_state = data_iterator.get_state()
         host_metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -275,6 +301,3 @@ def _print_summary(initial: dict[str, float], final: dict[str, float], workdir: 
         f"{os.path.join(workdir, 'samples')}", flush=True)
 
 
-def _device_fields(batch) -> dict[str, np.ndarray]:
-  """The batch entries that become device arrays (strings such as clip ids stay on the host)."""
-  return {k: v for k, v in batch.items() if np.asarray(v).dtype.kind not in "OUS"}
